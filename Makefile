@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 GATE_PORT ?= 3060
 UPSTREAM_PORT ?= 3050
 # Debian packages the test suite drives for real (see tests/README.md).
-SYSTEM_PACKAGES ?= nginx
+SYSTEM_PACKAGES ?= nginx chromium chromium-driver fonts-dejavu-core caddy pebble systemd dpkg-dev debhelper fakeroot lintian adduser python3.11-venv ca-certificates fail2ban
 
 .PHONY: run test install install-test system-deps lint typecheck unit bench clean
 

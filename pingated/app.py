@@ -24,12 +24,16 @@ from pingated.config import Config, SiteConfig, UpstreamConfig
 from pingated.forwarding import host_without_port, request_host
 from pingated.gate import AuthResource, GateContext, GatePages
 from pingated.identity import IdentityResource
+from pingated.llm import LlmResource, LlmRoute
+from pingated.metrics import DEFAULT_SITE, GateMetrics, UpstreamMetrics
 from pingated.pins import PinVerifier
 from pingated.proxy import ProxyResource
 from pingated.responses import error_body
 from pingated.sessions import RevocationStore, SessionManager
+from pingated.theme import ThemeResource
 from pingated.threads import RunInThread
 from pingated.throttle import Throttle
+from pingated.websocket import WebSocketBridge
 
 AgentFactory = Callable[[UpstreamConfig], IAgent]
 
@@ -45,6 +49,14 @@ class Runtime:
     revocations: RevocationStore
     throttle: Throttle
     started: float
+    # Where argon2 runs (a bounded pool of its own); run_in_thread when None.
+    verify_in_thread: RunInThread | None = None
+    # Prometheus counters; None in tests that do not look at them.
+    metrics: GateMetrics | None = None
+
+    def upstream_metrics(self, upstream: UpstreamConfig) -> UpstreamMetrics | None:
+        """The proxy's latency/error counters for C{upstream}, if metrics are kept."""
+        return self.metrics.upstream(upstream.url) if self.metrics is not None else None
 
 
 class SiteRoot(Resource):
@@ -96,6 +108,7 @@ class HostRouter(Resource):
 
     def pick(self, host: str) -> IResource | None:
         """The resource serving C{host} (no port), or the default."""
+        host = host.lower().rstrip(".")
         found = self.exact.get(host)
         if found is not None:
             return found
@@ -113,6 +126,57 @@ class HostRouter(Resource):
         return target.render(request)
 
 
+class UnknownHost(Resource):
+    """What a host no [[site]] serves gets when there is no [upstream]: 404."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+
+    def render(self, request: IRequest) -> bytes:
+        """A small 404; says nothing about which hosts exist."""
+        return error_body(request, 404, "Not Found", "unknown host")
+
+
+def match_site(sites: Sequence[SiteConfig], host: str) -> SiteConfig | None:
+    """
+    The site serving C{host} (no port): an exact name first, then the longest
+    matching wildcard, the same order L{HostRouter} uses.
+    """
+    host = host.lower().rstrip(".")
+    for site in sites:
+        if site.host == host:
+            return site
+    wildcards = [site for site in sites if site.host.startswith("*.") and site.matches(host)]
+    if wildcards:
+        return max(wildcards, key=lambda site: len(site.host))
+    return None
+
+
+def identity_for_host(config: Config, host: str) -> Sequence[tuple[str, str]]:
+    """The identity headers for requests to C{host}: its site's, else the global ones."""
+    site = match_site(config.sites, host)
+    return site.identity_headers if site is not None else config.identity_headers
+
+
+def site_labeller(config: Config) -> Callable[[IRequest], str]:
+    """
+    How metrics name the site a request went to: its [[site]] host, or
+    C{"default"} -- never the raw Host header, so series stay bounded.
+    """
+    sites = config.sites
+    trusted = config.server.trusted_proxies
+    if not sites:
+        return lambda request: DEFAULT_SITE
+
+    def label(request: IRequest) -> str:
+        site = match_site(sites, host_without_port(request_host(request, trusted)))
+        return site.host if site is not None else DEFAULT_SITE
+
+    return label
+
+
 def read_text(path: str) -> str:
     """A small text file (CSS); empty when unset.  Called at build time, not per request."""
     if not path:
@@ -126,14 +190,46 @@ def _protected_chain(
     identity: Sequence[tuple[str, str]],
     config: Config,
     runtime: Runtime,
-) -> IResource:
+    css: str = "",
+) -> tuple[IResource, IResource]:
+    """
+    The wrappers between the gate and the proxy, for a session and for an
+    anonymous request on a public path (identity headers stripped, not set).
+    """
+    websocket = WebSocketBridge(
+        runtime.reactor, upstream, config.server.trusted_proxies, config.websocket
+    )
+    if runtime.metrics is not None:
+        runtime.metrics.watch_websockets(websocket)
     proxy = ProxyResource(
-        runtime.agent_for(upstream), upstream, config.server.trusted_proxies, runtime.clock
+        runtime.agent_for(upstream),
+        upstream,
+        config.server.trusted_proxies,
+        runtime.clock,
+        websocket=websocket,
+        metrics=runtime.upstream_metrics(upstream),
     )
     chain: IResource = proxy
-    if identity:
-        chain = IdentityResource(chain, identity)
-    return chain
+    if css:
+        chain = ThemeResource(chain, css)
+    if not identity:
+        return chain, chain
+    return IdentityResource(chain, identity), IdentityResource(chain, identity, anonymous=True)
+
+
+def _llm_resource(config: Config, context: GateContext, runtime: Runtime) -> IResource | None:
+    """The LLM route (contract 4a) with its own proxy to C{llm.upstream}, if enabled."""
+    if not config.llm.enabled:
+        return None
+    upstream = UpstreamConfig(url=config.llm.upstream)
+    proxy = ProxyResource(
+        runtime.agent_for(upstream),
+        upstream,
+        config.server.trusted_proxies,
+        runtime.clock,
+        metrics=runtime.upstream_metrics(upstream),
+    )
+    return LlmResource(config.llm, context, proxy)
 
 
 def build_root(config: Config, runtime: Runtime) -> IResource:
@@ -146,37 +242,60 @@ def build_root(config: Config, runtime: Runtime) -> IResource:
         revocations=runtime.revocations,
     )
     runtime.throttle.config = config.gate.throttle
+    if runtime.metrics is not None:
+        runtime.metrics.configure(site_labeller(config))
     theme_css = read_text(config.theme.css_file)
     context = GateContext(
         gate=config.gate,
         sessions=sessions,
-        verifier=PinVerifier(config.gate.pin_hash, runtime.run_in_thread),
+        verifier=PinVerifier(
+            config.gate.pin_hash, runtime.verify_in_thread or runtime.run_in_thread
+        ),
         throttle=runtime.throttle,
         trusted=config.server.trusted_proxies,
         clock=runtime.clock,
         started=runtime.started,
         theme_css=lambda: theme_css,
+        identity_for=lambda host: identity_for_host(config, host),
+        metrics=runtime.metrics,
+        metrics_config=config.metrics,
     )
     pages = GatePages(context).resource()
+    llm = _llm_resource(config, context, runtime)
 
     def site_root(
-        upstream: UpstreamConfig, identity: Sequence[tuple[str, str]], public_paths: Sequence[str]
+        upstream: UpstreamConfig,
+        identity: Sequence[tuple[str, str]],
+        public_paths: Sequence[str],
+        css: str = theme_css,
     ) -> IResource:
-        protected = AuthResource(
-            _protected_chain(upstream, identity, config, runtime), context, public_paths
-        )
+        chain, anonymous = _protected_chain(upstream, identity, config, runtime, css)
+        protected: IResource = AuthResource(chain, context, public_paths, anonymous)
+        if llm is not None:
+            # In front of the normal chain: it checks the session itself and
+            # answers 401 JSON, never the login redirect.
+            protected = LlmRoute(config.llm.path, llm, protected)
         return SiteRoot(config.gate.prefix, pages, protected)
 
+    # With no [upstream], an unknown host still gets the gate's own pages
+    # (a central login host need not be a [[site]]); everything else is 404.
     default = (
         site_root(config.upstream, config.identity_headers, ())
         if config.upstream is not None
-        else None
+        else SiteRoot(config.gate.prefix, pages, UnknownHost())
     )
     if not config.sites:
-        assert default is not None
         return default
     sites = [
-        (site, site_root(site.upstream, site.identity_headers, site.public_paths))
+        (
+            site,
+            site_root(
+                site.upstream,
+                site.identity_headers,
+                site.public_paths,
+                read_text(site.css_file) if site.css_file else theme_css,
+            ),
+        )
         for site in config.sites
     ]
     return HostRouter(sites, default, config.server.trusted_proxies)

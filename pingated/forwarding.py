@@ -45,6 +45,26 @@ def is_trusted(ip: str, trusted: Sequence[IPNetwork]) -> bool:
     if ip == "unix":
         # A UNIX socket can only be reached by local processes (a front proxy).
         return True
+    networks = tuple(trusted)
+    key = (ip, id(networks))
+    cached = _TRUST_CACHE.get(key)
+    if cached is not None and cached[0] is networks:
+        return cached[1]
+    result = _in_networks(ip, networks)
+    if len(_TRUST_CACHE) >= 4096:
+        _TRUST_CACHE.clear()
+    _TRUST_CACHE[key] = (networks, result)
+    return result
+
+
+# Asked several times per proxied request (client address, scheme, host,
+# X-Forwarded-For hops): parsing the address, or even hashing the networks
+# for a cache key, showed in profiles.  Keyed by the networks' identity; the
+# entry keeps them alive, so an id cannot be reused while it is cached.
+_TRUST_CACHE: dict[tuple[str, int], tuple[tuple[IPNetwork, ...], bool]] = {}
+
+
+def _in_networks(ip: str, trusted: tuple[IPNetwork, ...]) -> bool:
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:

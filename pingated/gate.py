@@ -24,15 +24,26 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from pingated import __version__
-from pingated.config import GateConfig, IPNetwork
+from pingated.config import GateConfig, IPNetwork, MetricsConfig
 from pingated.forwarding import client_ip, request_host, request_scheme
 from pingated.headers import strip_cookie
-from pingated.loginpage import LoginPageState, render_login_page
+from pingated.loginpage import (
+    STATIC_ASSETS,
+    LoginPageState,
+    StaticAsset,
+    asset_url,
+    load_logo,
+    render_login_page,
+    serve_asset,
+)
+from pingated.metrics import GateMetrics, render_metrics
 from pingated.pins import PinVerifier, VerifierBusy
 from pingated.redirects import safe_next
 from pingated.responses import json_body, wants_html
 from pingated.sessions import Session, SessionManager
 from pingated.throttle import Throttle
+from pingated.verify import VERIFY_METHODS
+from pingated.verify import verify as forward_auth
 
 security_log = Logger(namespace="pingated.security")
 
@@ -74,6 +85,17 @@ class GateContext:
     started: float
     theme_css: Callable[[], str] = lambda: ""
     extra_pages: dict[str, Any] = attrs.field(factory=dict)
+    # Forward-auth answers carry the identity headers of the site the original
+    # host belongs to; app.build_root supplies the lookup (host without port).
+    identity_for: Callable[[str], Sequence[tuple[str, str]]] = lambda host: ()
+    # Prometheus counters (pingated.metrics); None: nothing counted, no page.
+    metrics: GateMetrics | None = None
+    metrics_config: MetricsConfig = attrs.field(factory=MetricsConfig)
+
+    def count_login(self, result: str) -> None:
+        """Count one login attempt's result (ok, failed, throttled, busy)."""
+        if self.metrics is not None:
+            self.metrics.login(result)
 
     def current_session(self, request: IRequest) -> Session | None:
         """The valid session this request carries, or None."""
@@ -105,13 +127,45 @@ class GateContext:
 
 
 def _add_security_headers(request: IRequest, https: bool) -> None:
+    # Strict-Transport-Security is added by GateHeaders, which knows the config.
     for name, value in SECURITY_HEADERS:
         request.responseHeaders.setRawHeaders(name, [value])
     request.responseHeaders.setRawHeaders(b"server", [b"pingated"])
-    if https:
-        request.responseHeaders.setRawHeaders(
-            b"Strict-Transport-Security", [b"max-age=31536000; includeSubDomains"]
-        )
+
+
+def hsts_value(gate: GateConfig) -> bytes | None:
+    """The Strict-Transport-Security value for C{gate}, or None when switched off."""
+    if not gate.hsts:
+        return None
+    value = f"max-age={gate.hsts_max_age}"
+    if gate.hsts_include_subdomains:
+        value += "; includeSubDomains"
+    return value.encode("ascii")
+
+
+class GateHeaders(Resource):
+    """
+    Puts the security headers on every answer under the gate's prefix.
+
+    Pages added later get them without remembering to; HSTS is sent only to
+    visitors who came over HTTPS (a plain-HTTP answer cannot set it anyway,
+    and a TLS-less test setup must not be pinned to HTTPS).
+    """
+
+    isLeaf = True
+
+    def __init__(self, wrapped: IResource, context: GateContext) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.wrapped = wrapped
+        self.context = context
+
+    def render(self, request: IRequest) -> Any:
+        """Add the headers, then let the gate's pages answer."""
+        _add_security_headers(request, False)
+        hsts = hsts_value(self.context.gate)
+        if hsts is not None and self.context.is_https(request):
+            request.responseHeaders.setRawHeaders(b"strict-transport-security", [hsts])
+        return self.wrapped.render(request)
 
 
 def _arg(request: IRequest, name: bytes) -> str:
@@ -131,10 +185,18 @@ class GatePages:
 
     def __init__(self, context: GateContext) -> None:
         self.context = context
+        self.logo: StaticAsset | None = None
+        try:
+            # Read once per (re)build: no file I/O on the request path.
+            self.logo = load_logo(context.gate.logo_file)
+        except OSError as e:
+            Logger(namespace="pingated.gate").error(
+                "cannot read gate.logo_file: {reason}", reason=e.strerror
+            )
 
     def resource(self) -> IResource:
-        """The Klein resource to mount."""
-        return self.app.resource()  # type: ignore[no-any-return]
+        """The Klein resource to mount, behind the security headers."""
+        return GateHeaders(self.app.resource(), self.context)
 
     def _next_for(self, request: IRequest, raw: str) -> str:
         host = request_host(request, self.context.trusted)
@@ -150,6 +212,10 @@ class GatePages:
             title=self.context.gate.title,
             error=error,
             extra_css=self.context.theme_css(),
+            static_base=f"{self.context.gate.prefix}/static",
+            logo_url=(
+                asset_url(self.context.gate.prefix, "logo", self.logo) if self.logo else ""
+            ),
         )
         return render_login_page(state)
 
@@ -176,6 +242,7 @@ class GatePages:
             security_log.info(
                 "pingated[security] throttled ip={ip} retry_after={retry}", ip=ip, retry=retry
             )
+            context.count_login("throttled")
             request.setHeader(b"retry-after", str(retry).encode("ascii"))
             if wants_html(request) or _is_form(request):
                 return self._login_page(request, next_target, _throttled_message(retry), 429)
@@ -183,9 +250,13 @@ class GatePages:
         try:
             checking = context.verifier.verify(_arg(request, b"pin"))
         except VerifierBusy:
+            context.count_login("busy")
             request.setHeader(b"retry-after", b"1")
             _add_security_headers(request, context.is_https(request))
             return self._login_page(request, next_target, ERROR_MESSAGES["busy"], 503)
+        # The running check counts against the limits until it ends, so a
+        # burst of concurrent guesses cannot overshoot them.
+        context.throttle.begin(ip)
 
         def checked(ok: bool) -> bytes:
             _add_security_headers(request, context.is_https(request))
@@ -194,11 +265,13 @@ class GatePages:
                 _, value = context.sessions.issue()
                 context.set_session_cookie(request, value, context.gate.session_ttl)
                 security_log.info("pingated[security] login-ok ip={ip}", ip=ip)
+                context.count_login("ok")
                 return _see_other(request, next_target)
             path = request.path.decode("latin-1")
             security_log.info(
                 "pingated[security] login-failed ip={ip} path={path}", ip=ip, path=path
             )
+            context.count_login("failed")
             locked = context.throttle.record_failure(ip)
             if locked is not None:
                 security_log.info(
@@ -213,7 +286,12 @@ class GatePages:
             security_log.failure("PIN check failed", failure)
             return json_body(request, 500, {"error": "internal error"})
 
-        return checking.addCallback(checked).addErrback(failed)
+        def not_checked(failure: Failure) -> Failure:
+            # A check that blew up still ends its attempt (and counts as wrong).
+            context.throttle.record_failure(ip)
+            return failure
+
+        return checking.addErrback(not_checked).addCallback(checked).addErrback(failed)
 
     @app.route("/logout", methods=["GET", "POST", "HEAD"])
     def logout(self, request: Request) -> bytes | Deferred[bytes]:
@@ -228,7 +306,32 @@ class GatePages:
         security_log.info(
             "pingated[security] logout ip={ip}", ip=client_ip(request, context.trusted)
         )
+        if context.metrics is not None:
+            context.metrics.revoked()
         return context.sessions.revoke(session).addCallback(lambda _: _see_other(request, location))
+
+    @app.route("/static/<name>", methods=["GET", "HEAD"])
+    def static(self, request: IRequest, name: str) -> bytes:
+        """The PIN page's script and styles: public, typed, cached for a year (URL has a hash)."""
+        _add_security_headers(request, self.context.is_https(request))
+        return serve_asset(request, STATIC_ASSETS.get(name))
+
+    @app.route("/logo", methods=["GET", "HEAD"])
+    def logo_image(self, request: IRequest) -> bytes:
+        """The operator's C{gate.logo_file}, served like the static files (404 when unset)."""
+        _add_security_headers(request, self.context.is_https(request))
+        return serve_asset(request, self.logo)
+
+    @app.route("/verify", methods=list(VERIFY_METHODS))
+    def verify(self, request: IRequest) -> bytes:
+        """Forward-auth for nginx, Traefik and Caddy (contract 3a); see L{pingated.verify}."""
+        return forward_auth(self.context, request)
+
+    @app.route("/metrics", methods=["GET", "HEAD"])
+    def metrics(self, request: IRequest) -> bytes:
+        """Prometheus text format for C{metrics.allow} addresses; see L{pingated.metrics}."""
+        context = self.context
+        return render_metrics(request, context.metrics, context.metrics_config, context.trusted)
 
     @app.route("/health", methods=["GET", "HEAD"])
     def health(self, request: IRequest) -> bytes:
@@ -284,19 +387,26 @@ class AuthResource(Resource):
         wrapped: IResource,
         context: GateContext,
         public_paths: Sequence[str] = (),
+        anonymous: IResource | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.wrapped = wrapped
         self.context = context
         self.public_paths = tuple(public_paths)
+        # Public paths reached without a session go here when given (a chain
+        # that strips identity headers instead of setting them).
+        self.anonymous = anonymous
 
     def render(self, request: IRequest) -> Any:
         """Check the cookie, strip it, then either pass on or refuse."""
         context = self.context
         session = context.current_session(request)
         self._strip_gate_cookie(request)
-        if session is not None or self._is_public(request.path):
+        if session is not None:
             return self.wrapped.render(request)
+        if self._is_public(request.path):
+            target = self.anonymous if self.anonymous is not None else self.wrapped
+            return target.render(request)
         return self.refuse(request)
 
     def refuse(self, request: IRequest) -> bytes:

@@ -37,7 +37,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 from pingated.config import IPNetwork, UpstreamConfig
 from pingated.forwarding import client_ip, is_trusted, peer_ip, request_host, request_scheme
 from pingated.headers import end_to_end
+from pingated.metrics import UpstreamMetrics, upstream_error_kind
 from pingated.responses import error_body, write_error
+from pingated.streaming import StreamingBody
 
 log = Logger(namespace="pingated.proxy")
 
@@ -81,7 +83,7 @@ def upstream_headers(
 ) -> Headers:
     """The headers sent upstream: end-to-end client headers plus forwarding facts."""
     headers = Headers()
-    drop = {b"host", b"content-length", *_FORWARDED}
+    drop = {b"host", b"content-length", b"expect", *_FORWARDED}
     for name, value in end_to_end(request.requestHeaders, also_drop=drop):
         headers.addRawHeader(name, value)
     if upstream.preserve_host:
@@ -104,6 +106,15 @@ def _declared_length(request: Request) -> int | None:
         return int(values[0])
     except ValueError:
         return None
+
+
+def _spooled_length(request: Request) -> int | None:
+    content: Any = request.content
+    if content is None or not _has_body(request):
+        return None
+    size = content.seek(0, 2)
+    content.seek(0, 0)
+    return int(size)
 
 
 def _has_body(request: Request) -> bool:
@@ -158,10 +169,13 @@ class _Exchange:
         self.clock = resource.clock
         self.client_gone = False
         self.timed_out = False
+        self.too_large = False
         self.response_started = False
         self.pending: Deferred[IResponse] | None = None
         self.body_transport: Any = None
         self.idle_call: IDelayedCall | None = None
+        self.last_activity = 0.0
+        self.sent_at = 0.0
 
     def start(self) -> None:
         request = self.request
@@ -169,35 +183,60 @@ class _Exchange:
         url = upstream_url(upstream.url, request.uri)
         headers = upstream_headers(request, upstream, self.resource.trusted)
         producer = body_producer(request)
+        if isinstance(producer, StreamingBody):
+            producer.set_limit(upstream.max_request_body, self._body_too_large)
+            producer.on_progress = self.touch
         self.touch()
+        self.sent_at = self.last_activity
         request.notifyFinish().addErrback(self._client_lost)
         self.pending = self.resource.agent.request(request.method, url, headers, producer)
         self.pending.addCallbacks(self._got_response, self._request_failed)
 
-    # Idle timer: no byte either way for idle_timeout seconds.
+    # Idle timer: no byte either way for idle_timeout seconds.  Bytes only
+    # record the time; the one timer re-arms itself for the remainder when it
+    # fires early, so a busy stream costs no timer operation per chunk.
     def touch(self) -> None:
-        """Restart the idle timer; called for every byte that moves."""
-        timeout = self.resource.upstream.idle_timeout
-        if timeout <= 0:
-            return
-        if self.idle_call is not None and self.idle_call.active():
-            self.idle_call.reset(timeout)
-        else:
-            self.idle_call = self.clock.callLater(timeout, self._idle)
+        """Note activity; called for every chunk that moves."""
+        self.last_activity = self.clock.seconds()
+        if self.idle_call is None and self.resource.upstream.idle_timeout > 0:
+            self.idle_call = self.clock.callLater(
+                self.resource.upstream.idle_timeout, self._idle_check
+            )
 
     def _stop_timer(self) -> None:
         if self.idle_call is not None and self.idle_call.active():
             self.idle_call.cancel()
         self.idle_call = None
 
+    def _idle_check(self) -> None:
+        timeout = self.resource.upstream.idle_timeout
+        quiet = self.clock.seconds() - self.last_activity
+        if quiet < timeout:
+            self.idle_call = self.clock.callLater(timeout - quiet, self._idle_check)
+            return
+        self.idle_call = None
+        self._idle()
+
     def _idle(self) -> None:
         self.timed_out = True
-        self.idle_call = None
         if self.pending is not None and not self.response_started:
             self.pending.cancel()
         elif self.body_transport is not None:
             # Headers already went out: all we can do is cut the client off too.
             self.body_transport.stopProducing()
+
+    def _body_too_large(self) -> None:
+        """A chunked upload crossed C{max_request_body}."""
+        if self.client_gone:
+            return
+        if self.pending is not None and not self.response_started:
+            self.too_large = True
+            self.pending.cancel()
+            return
+        # The answer is already on its way: cut both legs.
+        if self.body_transport is not None:
+            self.body_transport.stopProducing()
+        _abort(self.request)
 
     def _client_lost(self, failure: Failure) -> None:
         self.client_gone = True
@@ -211,6 +250,8 @@ class _Exchange:
         self.response_started = True
         self.pending = None
         self.touch()
+        if self.resource.metrics is not None:
+            self.resource.metrics.response(self.last_activity - self.sent_at)
         if self.client_gone:
             response.deliverBody(_Discard())
             return
@@ -248,20 +289,18 @@ class _Exchange:
             uri=request.path.decode("latin-1"),
             why=reason.getErrorMessage(),
         )
-        transport: Any = request.channel.transport
-        if transport is None:
-            return
-        if hasattr(transport, "abortConnection"):
-            transport.abortConnection()
-        else:
-            transport.loseConnection()
+        if self.resource.metrics is not None:
+            self.resource.metrics.error("idle_timeout" if self.timed_out else "body_interrupted")
+        _abort(request)
 
     def _request_failed(self, failure: Failure) -> None:
         self._stop_timer()
         self.pending = None
         if self.client_gone:
             return
-        if self.timed_out:
+        if self.too_large:
+            status, title, message = 413, "Payload Too Large", "request body too large"
+        elif self.timed_out:
             status, title, message = 504, "Gateway Timeout", "upstream did not answer in time"
         else:
             status, title, message = _classify(failure)
@@ -272,7 +311,22 @@ class _Exchange:
             why=_reason(failure),
         )
         self.resource.on_upstream_error(status)
+        if self.resource.metrics is not None and not self.too_large:
+            kind = "idle_timeout" if self.timed_out else upstream_error_kind(failure)
+            self.resource.metrics.error(kind)
         write_error(self.request, status, title, message)
+
+
+def _abort(request: Request) -> None:
+    """Drop the client connection at once: a truncated answer must not look complete."""
+    channel: Any = getattr(request, "channel", None)
+    transport: Any = channel.transport if channel is not None else None
+    if transport is None:
+        return
+    if hasattr(transport, "abortConnection"):
+        transport.abortConnection()
+    else:
+        transport.loseConnection()
 
 
 class _Discard(Protocol):
@@ -315,9 +369,12 @@ class ProxyResource(Resource):
         trusted: Sequence[IPNetwork],
         clock: IReactorTime,
         websocket: Resource | None = None,
+        metrics: UpstreamMetrics | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.agent = agent
+        # Latency and error counters for this upstream (pingated.metrics).
+        self.metrics = metrics
         self.upstream = upstream
         self.trusted = tuple(trusted)
         self.clock = clock
@@ -335,6 +392,9 @@ class ProxyResource(Resource):
                 return self.websocket.render(request)  # type: ignore[no-any-return]
             return _finish_now(request, 501, "Not Implemented", "WebSocket is not supported")
         declared = _declared_length(request)
+        if declared is None and getattr(request, "body_producer", None) is None:
+            # A body twisted.web already spooled (not streamed): its real size.
+            declared = _spooled_length(request)
         if declared is not None and declared > self.upstream.max_request_body:
             return _finish_now(request, 413, "Payload Too Large", "request body too large")
         request.defaultContentType = None  # type: ignore[attr-defined]

@@ -22,6 +22,21 @@ def _has_forbidden_characters(text: str) -> bool:
     return any(ord(c) <= 0x20 or ord(c) >= 0x7F or c == "\\" for c in text)
 
 
+def _collapses_to_double_slash(path: str) -> bool:
+    # "/.//evil" or "/a/..//evil" become "//evil" once a browser or an
+    # upstream removes dot segments (RFC 3986 5.2.4), and "//evil" is a host.
+    kept: list[str] = []
+    for segment in path.split("/"):
+        if segment == ".":
+            continue
+        if segment == "..":
+            if len(kept) > 1:
+                kept.pop()
+            continue
+        kept.append(segment)
+    return "/".join(kept).startswith("//")
+
+
 def host_in_domain(host: str, cookie_domain: str) -> bool:
     """True when C{host} is C{cookie_domain} itself or a name below it."""
     domain = cookie_domain.lower().lstrip(".")
@@ -45,6 +60,8 @@ def safe_next(raw: str | None, request_host: str, cookie_domain: str = "") -> st
         return FALLBACK
     if raw.startswith("/"):
         if raw.startswith("//") or decoded.startswith(("//", "/\\")):
+            return FALLBACK
+        if _collapses_to_double_slash(decoded.split("?", 1)[0].split("#", 1)[0]):
             return FALLBACK
         parts = urlsplit(raw)
         if parts.scheme or parts.netloc:

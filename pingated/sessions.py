@@ -62,19 +62,21 @@ class RevocationStore:
         path = os.path.join(state_dir, "revoked-sessions.jsonl")
         revoked: dict[str, int] = {}
         try:
-            with open(path, encoding="utf-8") as f:
+            # errors="replace": a damaged byte spoils its own line, not the start.
+            with open(path, encoding="utf-8", errors="replace") as f:
                 for line in f:
                     try:
                         entry = json.loads(line)
                         sid, expires = str(entry["sid"]), int(entry["expires"])
-                    except (ValueError, KeyError, TypeError):
+                    except (ValueError, KeyError, TypeError, OverflowError):
                         continue  # a torn last line after a crash loses nothing else
                     if expires > now:
                         revoked[sid] = expires
         except FileNotFoundError:
             pass
         tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             for sid, expires in revoked.items():
                 f.write(json.dumps({"sid": sid, "expires": expires}) + "\n")
         os.replace(tmp, path)

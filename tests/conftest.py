@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import Gate, base_config, deep_update, demo_upstream, free_port  # noqa: E402
+from harness import Gate, base_config, deep_update, demo_upstream, free_port
 
 
 @pytest.fixture(scope="session")

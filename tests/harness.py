@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 TEST_PIN = "246810"
@@ -27,10 +27,12 @@ TEST_SECRET = "test-secret-0123456789abcdef0123456789abcdef"
 BIN = os.path.dirname(sys.executable)
 TWISTD = os.path.join(BIN, "twistd")
 PINGATED = os.path.join(BIN, "pingated")
-ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
+ARTIFACTS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts"
+)
 
 
-@lru_cache(maxsize=None)
+@cache
 def pin_hash(pin: str = TEST_PIN) -> str:
     """argon2id hash of C{pin}, computed once per test session."""
     from pingated.pins import hash_pin
@@ -45,7 +47,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Block until something accepts on 127.0.0.1:C{port}."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -67,7 +71,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        return (
+            "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        )
     raise TypeError(value)
 
 
@@ -76,7 +82,9 @@ def to_toml(data: Mapping[str, Any]) -> str:
     lines: list[str] = []
 
     def emit(prefix: str, table: Mapping[str, Any]) -> None:
-        scalars = {k: v for k, v in table.items() if not isinstance(v, dict) and not _is_table_list(v)}
+        scalars = {
+            k: v for k, v in table.items() if not isinstance(v, dict) and not _is_table_list(v)
+        }
         subtables = {k: v for k, v in table.items() if isinstance(v, dict) and not _inline(k)}
         inline = {k: v for k, v in table.items() if isinstance(v, dict) and _inline(k)}
         lists = {k: v for k, v in table.items() if _is_table_list(v)}
@@ -129,15 +137,24 @@ def deep_update(target: dict[str, Any], changes: Mapping[str, Any]) -> dict[str,
 class ManagedProcess:
     """A child process that is always stopped by pid, even when a test fails."""
 
-    def __init__(self, argv: list[str], log_path: str, cwd: str | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        log_path: str,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.argv = argv
         self.log_path = log_path
-        self.log_file = open(log_path, "ab")  # noqa: SIM115  (closed in stop())
+        self.log_file = open(log_path, "ab")
         merged = dict(os.environ)
         merged.update(env or {})
         self.proc = subprocess.Popen(
-            argv, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=cwd, env=merged,
+            argv,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=merged,
             start_new_session=True,
         )
 
@@ -211,9 +228,15 @@ class Gate:
 
     # --- HTTP helpers (stdlib only, so they cannot hide proxy behaviour) ---
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: Mapping[str, str] | None = None, timeout: float = 10.0,
-                host: str | None = None) -> Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 10.0,
+        host: str | None = None,
+    ) -> Response:
         """One request on a fresh connection; redirects are not followed."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
@@ -231,8 +254,11 @@ class Gate:
         """Log in and return the session cookie value."""
         body = f"pin={pin}&next={next_url}".encode()
         response = self.request(
-            "POST", "/.pingated/login", body,
-            {"Content-Type": "application/x-www-form-urlencoded"}, host=host,
+            "POST",
+            "/.pingated/login",
+            body,
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            host=host,
         )
         cookie = response.cookie("pingated")
         if response.status != 303 or cookie is None:
