@@ -549,7 +549,9 @@ def run_memory(bench: Bench) -> None:
 def profile_gate(bench: Bench, seconds: float, connections: int) -> str:
     """py-spy samples the gate while wrk loads it; returns self and inclusive tops."""
     assert bench.gate is not None
-    py_spy = os.path.join(BIN, "py-spy")
+    py_spy = shutil.which("py-spy", path=BIN) or shutil.which("py-spy")
+    if py_spy is None:
+        raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
     raw = os.path.join(bench.workdir, "profile.txt")
     spy = bench.procs.start("py-spy", [py_spy, "record", "--pid", str(bench.gate.pid),
                                        "--rate", "500", "--format", "raw", "--nonblocking",
@@ -618,7 +620,7 @@ def write_report(bench: Bench, out: str, notes: str) -> None:
     def over(value: float, target: float) -> str:
         return "" if value <= target else f": {value - target:.2f} ms over"
 
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    when = bench.results.get("generated") or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     gate_sse = sse["pingated"]
     if gate_sse["max"] <= 5:
         sse_status = "met"
@@ -784,6 +786,7 @@ def main() -> int:
         if "memory" in only:
             run_memory(bench)
         bench.results["load_after"] = load_average()
+        bench.results["generated"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         if args.save:
             with open(args.save, "w") as f:
                 json.dump(bench.results, f, indent=1)

@@ -11,7 +11,6 @@ connection pool) lives in L{Runtime} and survives a SIGHUP rebuild.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -54,6 +53,19 @@ class Runtime:
     # Prometheus counters; None in tests that do not look at them.
     metrics: GateMetrics | None = None
 
+    _verifier: PinVerifier | None = attrs.field(default=None, init=False)
+
+    def pin_verifier(self, pin_hash: str) -> PinVerifier:
+        """
+        One verifier for the life of the process, so its bound on PIN checks in
+        flight holds across SIGHUP rebuilds; a reload only changes the hash.
+        """
+        if self._verifier is None:
+            self._verifier = PinVerifier(pin_hash, self.verify_in_thread or self.run_in_thread)
+        else:
+            self._verifier.pin_hash = pin_hash
+        return self._verifier
+
     def upstream_metrics(self, upstream: UpstreamConfig) -> UpstreamMetrics | None:
         """The proxy's latency/error counters for C{upstream}, if metrics are kept."""
         return self.metrics.upstream(upstream.url) if self.metrics is not None else None
@@ -95,27 +107,15 @@ class HostRouter(Resource):
         trusted: Sequence[Any],
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self.exact = {
-            site.host: resource for site, resource in sites if not site.host.startswith("*.")
-        }
-        # Longest wildcard first, so *.a.example.com wins over *.example.com.
-        self.wildcards = sorted(
-            ((site, resource) for site, resource in sites if site.host.startswith("*.")),
-            key=lambda pair: -len(pair[0].host),
-        )
+        self.sites = [site for site, _ in sites]
+        self.resources = {site.host: resource for site, resource in sites}
         self.default = default
         self.trusted = tuple(trusted)
 
     def pick(self, host: str) -> IResource | None:
         """The resource serving C{host} (no port), or the default."""
-        host = host.lower().rstrip(".")
-        found = self.exact.get(host)
-        if found is not None:
-            return found
-        for site, resource in self.wildcards:
-            if site.matches(host):
-                return resource
-        return self.default
+        site = match_site(self.sites, host)
+        return self.resources[site.host] if site is not None else self.default
 
     def render(self, request: IRequest) -> Any:
         """Route by Host; 404 when nothing serves it."""
@@ -248,9 +248,7 @@ def build_root(config: Config, runtime: Runtime) -> IResource:
     context = GateContext(
         gate=config.gate,
         sessions=sessions,
-        verifier=PinVerifier(
-            config.gate.pin_hash, runtime.verify_in_thread or runtime.run_in_thread
-        ),
+        verifier=runtime.pin_verifier(config.gate.pin_hash),
         throttle=runtime.throttle,
         trusted=config.server.trusted_proxies,
         clock=runtime.clock,
@@ -299,8 +297,3 @@ def build_root(config: Config, runtime: Runtime) -> IResource:
         for site in config.sites
     ]
     return HostRouter(sites, default, config.server.trusted_proxies)
-
-
-def state_path(config: Config, name: str) -> str:
-    """A file inside C{state_dir}."""
-    return os.path.join(config.server.state_dir, name)

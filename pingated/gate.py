@@ -26,7 +26,7 @@ from twisted.web.server import Request
 from pingated import __version__
 from pingated.config import GateConfig, IPNetwork, MetricsConfig
 from pingated.forwarding import client_ip, request_host, request_scheme
-from pingated.headers import strip_cookie
+from pingated.headers import remove_cookie
 from pingated.loginpage import (
     STATIC_ASSETS,
     LoginPageState,
@@ -107,6 +107,10 @@ class GateContext:
             separator = "&" if "?" in self.gate.login_url else "?"
             return f"{self.gate.login_url}{separator}{urlencode({'next': next_target})}"
         return f"{self.gate.prefix}/login?{urlencode({'next': next_target})}"
+
+    def strip_gate_cookie(self, request: IRequest) -> None:
+        """Remove the gate's own cookie so nothing behind the gate ever sees it."""
+        remove_cookie(request.requestHeaders, self.gate.cookie_name.encode("ascii"))
 
     def is_https(self, request: IRequest) -> bool:
         """Whether the visitor reached us over TLS (so cookies get Secure)."""
@@ -401,7 +405,7 @@ class AuthResource(Resource):
         """Check the cookie, strip it, then either pass on or refuse."""
         context = self.context
         session = context.current_session(request)
-        self._strip_gate_cookie(request)
+        self.context.strip_gate_cookie(request)
         if session is not None:
             return self.wrapped.render(request)
         if self._is_public(request.path):
@@ -427,19 +431,6 @@ class AuthResource(Resource):
             return b""
         login = location if context.gate.login_url else f"{context.gate.prefix}/login"
         return json_body(request, 401, {"error": "login required", "login": login})
-
-    def _strip_gate_cookie(self, request: IRequest) -> None:
-        headers = request.requestHeaders
-        cookies = headers.getRawHeaders(b"cookie")
-        if not cookies:
-            return
-        name = self.context.gate.cookie_name.encode("ascii")
-        kept = [strip_cookie(value, name) for value in cookies]
-        kept = [value for value in kept if value]
-        if kept:
-            headers.setRawHeaders(b"cookie", kept)
-        else:
-            headers.removeHeader(b"cookie")
 
     def _is_public(self, path: bytes) -> bool:
         if not self.public_paths:

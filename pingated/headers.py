@@ -64,6 +64,18 @@ def strip_cookie(cookie_header: bytes, cookie_name: bytes) -> bytes:
     return b"; ".join(kept)
 
 
+def remove_cookie(headers: Headers, cookie_name: bytes) -> None:
+    """Drop one cookie from every Cookie header in C{headers}, and empty headers with it."""
+    cookies = headers.getRawHeaders(b"cookie")
+    if not cookies:
+        return
+    kept = [value for value in (strip_cookie(c, cookie_name) for c in cookies) if value]
+    if kept:
+        headers.setRawHeaders(b"cookie", kept)
+    else:
+        headers.removeHeader(b"cookie")
+
+
 def header_variants(name: str) -> set[bytes]:
     """
     All spellings a server might read as the same header.

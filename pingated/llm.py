@@ -37,7 +37,7 @@ from zope.interface import implementer
 from pingated.config import IPNetwork, LlmConfig
 from pingated.forwarding import client_ip, request_host, request_scheme
 from pingated.gate import GateContext
-from pingated.headers import normalized, strip_cookie
+from pingated.headers import normalized
 from pingated.responsefilter import install_response_filter
 from pingated.responses import json_body
 
@@ -287,7 +287,7 @@ class LlmResource(Resource):
             return self._preflight(request, origin)
         install_response_filter(request, LlmResponseFilter(request, origin, self.secret))
         session = self.context.current_session(request)
-        self._strip_gate_cookie(request)
+        self.context.strip_gate_cookie(request)
         if session is None:
             # Never a redirect: a script cannot follow one to a login page.
             login = self.context.gate.login_url or f"{self.context.gate.prefix}/login"
@@ -322,17 +322,6 @@ class LlmResource(Resource):
         headers.setRawHeaders(b"access-control-max-age", [PREFLIGHT_MAX_AGE])
         return b""
 
-    def _strip_gate_cookie(self, request: IRequest) -> None:
-        headers = request.requestHeaders
-        cookies = headers.getRawHeaders(b"cookie")
-        if not cookies:
-            return
-        name = self.context.gate.cookie_name.encode("ascii")
-        kept = [value for value in (strip_cookie(c, name) for c in cookies) if value]
-        if kept:
-            headers.setRawHeaders(b"cookie", kept)
-        else:
-            headers.removeHeader(b"cookie")
 
 
 class LlmRoute(Resource):

@@ -25,7 +25,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
 from pingated.app import Runtime, build_root
-from pingated.config import Config, UpstreamConfig, parse_config
+from pingated.config import Config, ThrottleConfig, UpstreamConfig, parse_config
 from pingated.sessions import RevocationStore
 from pingated.threads import run_inline
 from pingated.throttle import Throttle
@@ -542,3 +542,26 @@ def test_unknown_gate_page(gate: GateUnderTest) -> None:
     assert response.header("content-type") == "application/json"
     assert b"Traceback" not in response.body
     assert gate.upstream.seen == []
+
+
+def test_pin_verifier_survives_rebuilds(tmp_path: Path) -> None:
+    """
+    A SIGHUP rebuild keeps the one PIN verifier (only its hash changes), so the
+    bound on PIN checks in flight cannot be doubled by reloading mid-flood.
+    """
+    clock = Clock()
+    runtime = Runtime(
+        reactor=clock,
+        clock=clock,
+        run_in_thread=run_inline,
+        agent_for=lambda upstream: RequestTraversalAgent(EchoUpstream()),
+        revocations=RevocationStore.load(str(tmp_path / "state"), run_inline, 0),
+        throttle=Throttle(ThrottleConfig(), clock),
+        started=0,
+    )
+    first = runtime.pin_verifier("hash-one")
+    first._pending = first.max_pending
+    second = runtime.pin_verifier("hash-two")
+    assert second is first
+    assert second.pin_hash == "hash-two"
+    assert second.pending == second.max_pending
