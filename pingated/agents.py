@@ -55,7 +55,11 @@ class _UpstreamProtocol(HTTP11ClientProtocol):
         if self._wide:
             self._wide = False
             self._read_size(HEAD_READ_SIZE)
-        return super().request(request)
+        previous = self._parser
+        result = super().request(request)
+        if self._parser is not None and self._parser is not previous:
+            _drop_connection_named_headers(self._parser)
+        return result
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -68,6 +72,29 @@ class _UpstreamProtocol(HTTP11ClientProtocol):
         if not self._wide and parser is not None and parser.state == BODY:
             self._wide = True
             self._read_size(BODY_READ_SIZE)
+
+
+def _drop_connection_named_headers(parser: Any) -> None:
+    """
+    Make the response parser drop the headers its C{Connection} header names.
+
+    They are hop-by-hop (contract 4, RFC 9110 7.6.1), but Twisted's parser
+    keeps C{Connection} to itself (C{connHeaders}) and leaves the headers it
+    names among the response's own, where the proxy can no longer tell them
+    apart.  They are removed when all headers are in, before the response is
+    handed on.
+    """
+    original = parser.allHeadersReceived
+
+    def all_headers_received() -> None:
+        for value in parser.connHeaders.getRawHeaders(b"connection", []):
+            for token in value.split(b","):
+                name = token.strip().lower()
+                if name:
+                    parser.headers.removeHeader(name)
+        original()
+
+    parser.allHeadersReceived = all_headers_received
 
 
 class _UpstreamFactory(_HTTP11ClientFactory):

@@ -38,7 +38,11 @@ def _read_pin(stdin: TextIO, err: TextIO) -> str | None:
             print("pingated hash-pin: the two PINs differ", file=err)
             return None
         return first
-    return stdin.readline().rstrip("\r\n")
+    try:
+        line = stdin.readline()
+    except UnicodeDecodeError:  # a stdin decoding strictly
+        line = "\udcff"
+    return line.rstrip("\r\n")
 
 
 def _hash_pin(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextIO) -> int:
@@ -47,6 +51,13 @@ def _hash_pin(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextIO)
         return 1
     if not pin:
         print("pingated hash-pin: no PIN given", file=err)
+        return 1
+    try:
+        pin.encode("utf-8")
+    except UnicodeEncodeError:
+        # Undecodable bytes (surrogate escapes): a browser always sends UTF-8,
+        # so such a hash could never match; one line, not a traceback.
+        print("pingated hash-pin: the PIN is not valid UTF-8 text", file=err)
         return 1
     reason = weak_pin_reason(pin)
     if reason is not None and not args.allow_weak:

@@ -72,6 +72,28 @@ def session_cookie(request: IRequest, cookie_name: str) -> bytes | None:
     return request.getCookie(cookie_name.encode("ascii"))  # type: ignore[no-any-return]
 
 
+#: At most this many same-named gate cookies are checked per request.
+MAX_SESSION_COOKIES = 8
+
+
+def session_cookies(request: IRequest, cookie_name: str) -> list[bytes]:
+    """
+    Every value of the gate's cookie in the request, in order.
+
+    A browser can hold several cookies of that name (a host-only one left
+    from before C{cookie_domain} was set, one per domain or path) and sends
+    them all; any one valid session must count, not just the last value.
+    """
+    name = cookie_name.encode("ascii")
+    values = []
+    for header in request.requestHeaders.getRawHeaders(b"cookie", []):
+        for part in header.split(b";"):
+            key, sep, value = part.partition(b"=")
+            if sep and key.strip() == name:
+                values.append(value.strip())
+    return values[:MAX_SESSION_COOKIES]
+
+
 @attrs.define(slots=False)
 class GateContext:
     """Everything the gate's pages and wrapper share for one configuration."""
@@ -98,8 +120,12 @@ class GateContext:
             self.metrics.login(result)
 
     def current_session(self, request: IRequest) -> Session | None:
-        """The valid session this request carries, or None."""
-        return self.sessions.check(session_cookie(request, self.gate.cookie_name))
+        """The valid session this request carries (any of its gate cookies), or None."""
+        for value in session_cookies(request, self.gate.cookie_name):
+            session = self.sessions.check(value)
+            if session is not None:
+                return session
+        return None
 
     def login_location(self, request: IRequest, next_target: str) -> str:
         """Where to send a visitor who must log in, carrying C{next}."""

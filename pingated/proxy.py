@@ -84,6 +84,10 @@ def upstream_headers(
     """The headers sent upstream: end-to-end client headers plus forwarding facts."""
     headers = Headers()
     drop = {b"host", b"content-length", b"expect", *_FORWARDED}
+    if not is_trusted(peer_ip(request), trusted):
+        # RFC 7239 Forwarded says the same as X-Forwarded-*: only a trusted
+        # proxy may make such claims to the upstream.
+        drop.add(b"forwarded")
     for name, value in end_to_end(request.requestHeaders, also_drop=drop):
         headers.addRawHeader(name, value)
     if upstream.preserve_host:
@@ -93,8 +97,6 @@ def upstream_headers(
     headers.setRawHeaders(b"host", [host])
     for name, value in forwarded_headers(request, trusted):
         headers.setRawHeaders(name, [value])
-    # Chunked uploads keep a Transfer-Encoding marker on the request so the
-    # body producer is sent; the Agent re-frames the body itself.
     return headers
 
 

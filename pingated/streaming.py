@@ -44,6 +44,8 @@ from zope.interface import implementer
 #: Body bytes held while nobody consumes them yet (the upstream connection is
 #: still being set up); past this the client socket is paused.
 EARLY_BUFFER_LIMIT = 64 * 1024
+# Largest body the gate's own pages accept (the login form is a few bytes).
+GATE_BODY_LIMIT = 64 * 1024
 
 #: After answering before the body was fully received, how long the rest of
 #: it is read and thrown away before the connection is closed (nginx's
@@ -228,6 +230,19 @@ class StreamingRequest(server.Request):
 
     # -- decisions at header time -------------------------------------------
 
+    _refused = False
+
+    def _refuse_too_large(self) -> None:
+        """413 and close, without ever processing the request (gate pages only)."""
+        self._refused = True
+        body = b'{"error": "request body too large"}\n'
+        transport: Any = self.channel.transport
+        transport.write(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+        )
+        transport.loseConnection()
+
     def _wants_streaming(self, length: int | None) -> bool:
         if length == 0:
             return False
@@ -240,6 +255,11 @@ class StreamingRequest(server.Request):
     def gotLength(self, length: int | None) -> None:
         """Headers are complete: either spool as usual, or start processing now."""
         if not self._wants_streaming(length):
+            # Spooled bodies are the gate's own pages (a login form is a few
+            # bytes): anything big is refused before it fills memory or disk.
+            if length is not None and length > GATE_BODY_LIMIT:
+                self._refuse_too_large()
+                return
             super().gotLength(length)  # type: ignore[no-untyped-call]
             return
         channel: Any = self.channel
@@ -268,6 +288,11 @@ class StreamingRequest(server.Request):
         """A decoded body chunk: forward it, or drain it after an early answer."""
         producer = self.body_producer
         if producer is None:
+            if self._refused:
+                return
+            if self.content is not None and self.content.tell() + len(data) > GATE_BODY_LIMIT:
+                self._refuse_too_large()
+                return
             super().handleContentChunk(data)  # type: ignore[no-untyped-call]
             return
         if self.finished or self._disconnected:

@@ -10,6 +10,7 @@ process with one line on stderr (exit 1) before anything listens.
 from __future__ import annotations
 
 import signal
+import sys
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -62,6 +63,10 @@ class ReloadableRoot(Resource):
     def render(self, request: IRequest) -> Any:
         """Hand the request to the current configuration's tree."""
         return self.current.render(request)
+
+
+class StartRefused(Exception):
+    """The gate cannot start as configured (e.g. a listener's port is taken)."""
 
 
 class GateService(MultiService):
@@ -118,16 +123,64 @@ class GateService(MultiService):
         )
         # TLS: ssl: strings in listen, listen_tls with SNI, the redirect listener, ACME.
         self.tls = GateTls(config, reactor, run_in_thread)
+        # (service, config key, endpoint string) of every listener, so one that
+        # cannot listen at start is named in the one-line refusal.
+        self.listeners: list[tuple[StreamServerEndpointService, str, str]] = []
         for description in config.server.listen:
             endpoint = self.tls.listen_endpoint(description)
-            StreamServerEndpointService(endpoint, self.site).setServiceParent(self)
+            self._listener(StreamServerEndpointService(endpoint, self.site), "listen", description)
         for description in config.server.listen_tls:
             endpoint = self.tls.sni_endpoint(description)
-            StreamServerEndpointService(endpoint, self.site).setServiceParent(self)
+            self._listener(
+                StreamServerEndpointService(endpoint, self.site), "listen_tls", description
+            )
         self.redirect_site = GateSite(self.tls.redirect_resource(), reactor=reactor)
         for description in config.server.redirect_http:
             endpoint = serverFromString(reactor, description)
-            StreamServerEndpointService(endpoint, self.redirect_site).setServiceParent(self)
+            self._listener(
+                StreamServerEndpointService(endpoint, self.redirect_site),
+                "redirect_http",
+                description,
+            )
+
+    def _listener(self, service: StreamServerEndpointService, key: str, description: str) -> None:
+        # Listen errors raise at start instead of being logged while the
+        # process runs on without that listener (a half-working gate).
+        service._raiseSynchronously = True
+        service.setServiceParent(self)
+        self.listeners.append((service, key, description))
+
+    def privilegedStartService(self) -> None:
+        """
+        Listen (as root, before twistd drops privileges).  An endpoint that
+        cannot listen (port in use, no permission) stops the start with one
+        line naming the file and key, and exit 1 -- never a process that runs
+        without one of its listeners.
+        """
+        keys = {id(service): (key, description) for service, key, description in self.listeners}
+        for service in list(self):
+            try:
+                service.privilegedStartService()
+            except Exception as e:
+                key, description = keys.get(id(service), ("listen", "?"))
+                reason = getattr(getattr(e, "socketError", None), "strerror", None) or str(e)
+                self.refuse_start(
+                    f"{self.config.path}: server.{key}: cannot listen on {description!r} ({reason})"
+                )
+
+    def refuse_start(self, message: str) -> None:
+        """
+        Stop the start with C{message}: in the foreground one line on the real
+        stderr and exit 1; daemonised, an error twistd hands to the waiting
+        parent, which prints it and exits 1.
+        """
+        options = self.twistd_options
+        if options is not None and options.get("nodaemon"):
+            stderr = sys.__stderr__ or sys.stderr
+            stderr.write(message + "\n")
+            stderr.flush()
+            raise SystemExit(1) from None
+        raise StartRefused(message) from None
 
     def setServiceParent(self, parent: Any) -> Any:
         """Joining twistd's Application: offer it our log observer ([log] format)."""

@@ -6,8 +6,10 @@ L{ThemeResource} wraps the proxy.  For every response whose Content-Type is
 C{text/html} it inserts C{<style>CSS</style>} just before C{</head>}, or at
 the start of the document (after a leading doctype, so the page does not
 drop into quirks mode) when there is no C{</head>}.  Everything else --
-other content types, event streams, WebSocket upgrades, HEAD, 204/304 and
-partial (206) answers -- passes through untouched.
+other content types, event streams, WebSocket upgrades, 204/304 and
+partial (206) answers -- passes through untouched.  A HEAD answer gets the
+headers the GET would get (Content-Length grown by the style element, or
+dropped with the coding), so the two agree.
 
 Compression: for a browser navigation (C{Accept: text/html}) the upstream is
 asked for an uncompressed page (C{Accept-Encoding: identity}), so the page
@@ -217,8 +219,7 @@ class ThemeFilter:
         headers = request.responseHeaders
         code = getattr(request, "code", 200)
         if (
-            request.method == b"HEAD"
-            or code in _NO_BODY_CODES
+            code in _NO_BODY_CODES
             or code < 200
             or code == 206
             or headers.hasHeader(b"content-range")
@@ -261,6 +262,8 @@ class ThemeFilter:
         """One chunk of the upstream body on its way to the client."""
         if not self._decided:
             self._decide()
+        if self._active and self.request.method == b"HEAD":
+            return b""
         if not self._active or self._finished or self._broken:
             return data if not self._broken else b""
         if self._decoder is not None:
@@ -275,7 +278,7 @@ class ThemeFilter:
         """The body ended: flush the decoder and the injector."""
         if not self._decided:
             self._decide()
-        if not self._active or self._finished or self._broken:
+        if not self._active or self._finished or self._broken or self.request.method == b"HEAD":
             self._finished = True
             return b""
         self._finished = True
@@ -338,7 +341,7 @@ class ThemeResource(Resource):
 
     def render(self, request: IRequest) -> Any:
         """Adjust Accept-Encoding, install the filter, pass the request on."""
-        if self.style and not _is_upgrade(request) and request.method != b"HEAD":
+        if self.style and not _is_upgrade(request):
             headers = request.requestHeaders
             if _accepts_html(request):
                 # A page: ask for it uncompressed, so nothing must be decoded

@@ -291,10 +291,12 @@ def test_upstream_headers_untrusted() -> None:
             (b"x-forwarded-for", b"5.6.7.8"),
             (b"X-Real-IP", b"9.9.9.9"),
             (b"X-Forwarded-Proto", b"https"),
+            (b"Forwarded", b"for=1.2.3.4;proto=https"),
             (b"Accept", b"*/*"),
         ],
     )
     headers = _upstream(request)
+    assert not headers.hasHeader(b"forwarded")
     assert headers.getRawHeaders(b"x-forwarded-for") == [b"203.0.113.7"]
     assert headers.getRawHeaders(b"x-real-ip") == [b"203.0.113.7"]
     assert headers.getRawHeaders(b"x-forwarded-proto") == [b"http"]
