@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 import attrs
 import pytest
 from argon2 import PasswordHasher
+from doubles import SeenResponse
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -64,18 +65,8 @@ class EchoUpstream(Resource):
         return json.dumps(record).encode("utf-8")
 
 
-@attrs.define
-class Response:
-    """What a client saw: status, headers (lower-cased names) and body."""
-
-    code: int
-    headers: dict[str, list[str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        """The first value of header C{name}, if any."""
-        values = self.headers.get(name.lower())
-        return values[0] if values else None
+class Response(SeenResponse):
+    """What a client saw, with the body readable as JSON."""
 
     def json(self) -> Any:
         """The body parsed as JSON."""

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import attrs
 import pytest
 from argon2 import PasswordHasher
+from doubles import SeenResponse
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -68,7 +69,8 @@ class _Page(html.parser.HTMLParser):
 
     def find(self, tag: str, **wanted: str) -> list[dict[str, str | None]]:
         return [
-            a for t, a in self.elements
+            a
+            for t, a in self.elements
             if t == tag and all(a.get(k.rstrip("_")) == v for k, v in wanted.items())
         ]
 
@@ -225,29 +227,17 @@ def test_serve_asset_sets_length_and_answers_conditional_requests() -> None:
 
 
 @attrs.define
-class Served:
-    """What a client saw."""
-
-    code: int
-    headers: dict[str, list[str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        values = self.headers.get(name.lower())
-        return values[0] if values else None
-
-
-@attrs.define
 class Tree:
     """The resource tree for one config, and a way to ask it things."""
 
     root: Resource
     agent: RequestTraversalAgent
 
-    def get(self, path: str, method: str = "GET", **headers: str) -> Served:
+    def get(self, path: str, method: str = "GET", **headers: str) -> SeenResponse:
         client = StubTreq(self.root)
         d: Deferred[Any] = client.request(
-            method, "http://gate.test" + path,
+            method,
+            "http://gate.test" + path,
             headers={k.replace("_", "-"): [v] for k, v in headers.items()},
             allow_redirects=False,
         )
@@ -257,7 +247,7 @@ class Tree:
             name.decode("latin-1").lower(): [v.decode("latin-1") for v in values]
             for name, values in response.headers.getAllRawHeaders()
         }
-        return Served(response.code, names, body)
+        return SeenResponse(response.code, names, body)
 
 
 def _settle(d: Deferred[Any], client: StubTreq) -> Any:
@@ -314,7 +304,7 @@ def tree(tmp_path: Path) -> Iterator[Tree]:
     yield _tree(tmp_path)
 
 
-def _csp(response: Served) -> dict[str, str]:
+def _csp(response: SeenResponse) -> dict[str, str]:
     policy = response.header("content-security-policy") or ""
     parts = (p.strip().split(None, 1) for p in policy.split(";") if p.strip())
     return {p[0]: (p[1] if len(p) > 1 else "") for p in parts}
@@ -354,8 +344,13 @@ def test_static_files_are_served_long_cached(tree: Tree, name: str) -> None:
 
 @pytest.mark.parametrize(
     "path",
-    ["/.pingated/static/nope.js", "/.pingated/static/..%2Fgate.py", "/.pingated/static/",
-     "/.pingated/static/../loginpage.py", "/.pingated/logo"],
+    [
+        "/.pingated/static/nope.js",
+        "/.pingated/static/..%2Fgate.py",
+        "/.pingated/static/",
+        "/.pingated/static/../loginpage.py",
+        "/.pingated/logo",
+    ],
 )
 def test_unknown_static_paths_are_404(tree: Tree, path: str) -> None:
     """Only the shipped files (and a configured logo) are served."""

@@ -12,13 +12,14 @@ hold checks "in flight".  A cheap argon2 hash keeps each check fast.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 from argon2 import PasswordHasher
+from doubles import HeldThreads, SeenResponse
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -55,36 +56,6 @@ class CountingUpstream(Resource):
         return b"upstream"
 
 
-class ManualThreads:
-    """A RunInThread whose work waits until the test runs it: checks stay in flight."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = []
-
-    def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.calls.append((d, f, args))
-        return d
-
-    def run_all(self) -> None:
-        calls, self.calls = self.calls, []
-        for d, f, args in calls:
-            d.callback(f(*args))
-
-
-@attrs.define
-class Answer:
-    """A response as the client saw it."""
-
-    code: int
-    headers: dict[str, list[str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        values = self.headers.get(name.lower())
-        return values[0] if values else None
-
-
 @attrs.define
 class MemoryGate:
     """A whole gate tree with fakes for time, threads and the upstream."""
@@ -104,7 +75,7 @@ class MemoryGate:
         headers: dict[str, str] | None = None,
         data: bytes | dict[str, str] | None = None,
         wait: bool = True,
-    ) -> Deferred[Answer] | Answer:
+    ) -> Deferred[SeenResponse] | SeenResponse:
         """One request; with C{wait=False} the Deferred (the check may be in flight)."""
         client = StubTreq(self.root)
         self.client = client
@@ -116,28 +87,30 @@ class MemoryGate:
             allow_redirects=False,
         )
 
-        def read(response: Any) -> Deferred[Answer]:
+        def read(response: Any) -> Deferred[SeenResponse]:
             names = {
                 name.decode("latin-1").lower(): [v.decode("latin-1") for v in values]
                 for name, values in response.headers.getAllRawHeaders()
             }
-            return response.content().addCallback(lambda body: Answer(response.code, names, body))
+            return response.content().addCallback(
+                lambda body: SeenResponse(response.code, names, body)
+            )
 
         d.addCallback(read)
         if not wait:
             return d
         return settle(d, client, self.upstream_agent)
 
-    def get(self, path: str, **headers: str) -> Answer:
+    def get(self, path: str, **headers: str) -> SeenResponse:
         answer = self.request("GET", path, headers=headers)
-        assert isinstance(answer, Answer)
+        assert isinstance(answer, SeenResponse)
         return answer
 
-    def login(self, pin: str, **headers: str) -> Answer:
+    def login(self, pin: str, **headers: str) -> SeenResponse:
         answer = self.request(
             "POST", "/.pingated/login", headers={**FORM, **headers}, data={"pin": pin, "next": "/"}
         )
-        assert isinstance(answer, Answer)
+        assert isinstance(answer, SeenResponse)
         return answer
 
 
@@ -252,7 +225,7 @@ def test_locked_out_client_gets_429_and_the_pin_is_not_checked(
     assert b"Too many attempts" in answer.body
     # JSON clients get JSON.
     answer = gate.request("POST", "/.pingated/login", data=b"{}")
-    assert isinstance(answer, Answer)
+    assert isinstance(answer, SeenResponse)
     assert answer.code == 429
     assert json.loads(answer.body) == {"error": "too many attempts", "retry_after": 900}
     assert (
@@ -319,7 +292,7 @@ def test_login_page_shows_the_lockout(tmp_path: Path) -> None:
 
 def test_saturated_verifier_answers_503_at_once(tmp_path: Path) -> None:
     """With max_pending checks in flight, the next login gets 503 + Retry-After, unqueued."""
-    threads = ManualThreads()
+    threads = HeldThreads()
     gate = make_gate(
         tmp_path,
         config_text(throttle="max_failures = 100\nglobal_max_failures = 100"),
@@ -345,7 +318,7 @@ def test_saturated_verifier_answers_503_at_once(tmp_path: Path) -> None:
     # Proxied traffic does not wait for the PIN checks either.
     cookie_gate_answer = gate.get("/", Cookie="pingated=nothing")
     assert cookie_gate_answer.code == 401
-    threads.run_all()
+    threads.release()
     for d in pending:
         assert isinstance(d, Deferred)
     # Once the checks finish, logins are accepted again.
@@ -353,14 +326,14 @@ def test_saturated_verifier_answers_503_at_once(tmp_path: Path) -> None:
     assert isinstance(answer, Deferred)
     assert gate.client is not None
     gate.client.flush()
-    threads.run_all()
+    threads.release()
     result = settle(answer, gate.client, gate.upstream_agent)
     assert result.code == 303
 
 
 def test_checks_in_flight_count_against_the_limit(tmp_path: Path) -> None:
     """Five concurrent guesses from one address use up its budget before any finishes."""
-    threads = ManualThreads()
+    threads = HeldThreads()
     gate = make_gate(tmp_path, verify_in_thread=threads)
     for _ in range(5):
         gate.request("POST", "/.pingated/login", headers=FORM, data={"pin": "1"}, wait=False)
@@ -371,7 +344,7 @@ def test_checks_in_flight_count_against_the_limit(tmp_path: Path) -> None:
     assert answer.code == 429
     assert answer.header("retry-after") == "1"
     assert len(threads.calls) == 5
-    threads.run_all()
+    threads.release()
     assert gate.login(PIN).code == 429
     assert gate.throttle.retry_after("127.0.0.1") == 900
 
@@ -379,7 +352,7 @@ def test_checks_in_flight_count_against_the_limit(tmp_path: Path) -> None:
 # --- security headers ----------------------------------------------------------------
 
 
-def _assert_security_headers(answer: Answer) -> None:
+def _assert_security_headers(answer: SeenResponse) -> None:
     csp = answer.header("content-security-policy")
     assert csp is not None
     directives = dict(
@@ -408,7 +381,7 @@ def test_gate_pages_carry_security_headers(tmp_path: Path, method: str, path: st
     """Every answer under the prefix (pages, redirects, errors) gets the headers."""
     gate = make_gate(tmp_path)
     answer = gate.request(method, path, headers={"Accept": "text/html", **FORM}, data=b"pin=1")
-    assert isinstance(answer, Answer)
+    assert isinstance(answer, SeenResponse)
     _assert_security_headers(answer)
     assert answer.header("strict-transport-security") is None  # plain HTTP
 

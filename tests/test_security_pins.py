@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from argon2 import PasswordHasher
+from doubles import HeldThreads
 from twisted.internet.defer import Deferred
 
 from pingated import cli
@@ -96,26 +97,9 @@ def test_hash_pin_allow_weak_hashes_anyway() -> None:
     assert PasswordHasher().verify(out.getvalue().strip(), "1234")
 
 
-class _Held:
-    """A RunInThread that keeps every call pending until released."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = []
-
-    def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.calls.append((d, f, args))
-        return d
-
-    def release(self) -> None:
-        calls, self.calls = self.calls, []
-        for d, f, args in calls:
-            d.callback(f(*args))
-
-
 def test_verifier_refuses_beyond_max_pending() -> None:
     """The 9th concurrent check raises VerifierBusy at once; slots free up as checks end."""
-    held = _Held()
+    held = HeldThreads()
     verifier = PinVerifier(CHEAP.hash("274915"), held)
     results: list[bool] = []
     for _ in range(8):
@@ -135,7 +119,7 @@ def test_verifier_refuses_beyond_max_pending() -> None:
 
 def test_verifier_skips_hashing_empty_and_huge_pins() -> None:
     """Empty or absurdly long input is refused without spending a thread."""
-    held = _Held()
+    held = HeldThreads()
     verifier = PinVerifier(CHEAP.hash("274915"), held)
     for pin in ("", "9" * 129):
         results: list[bool] = []

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from doubles import HeldThreads
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
@@ -349,25 +350,9 @@ def test_unwritable_state_dir_fails_at_start(tmp_path: Path) -> None:
         Throttle.load(str(blocker / "state"), ThrottleConfig(), _clock(), run_inline)
 
 
-class _ManualThreads:
-    """A RunInThread whose calls wait until the test lets them run."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = []
-
-    def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.calls.append((d, f, args))
-        return d
-
-    def run_one(self) -> None:
-        d, f, args = self.calls.pop(0)
-        d.callback(f(*args))
-
-
 def test_writes_are_coalesced_and_off_the_caller(tmp_path: Path) -> None:
     """Many failures while a write runs cause one more write, with the latest state."""
-    threads = _ManualThreads()
+    threads = HeldThreads()
     store = ThrottleStore(str(tmp_path / STATE_FILE), threads)
     clock = _clock()
     throttle = Throttle(ThrottleConfig(max_failures=100), clock, store)
