@@ -198,7 +198,8 @@ def test_previous_secret_still_verifies(tmp_path: Path) -> None:
 
 def test_generated_cookies_through_the_gate_never_500(tmp_path: Path) -> None:
     """400 generated Cookie headers through the real resource tree: always a refusal."""
-    from test_security_gate import Answer, make_gate
+    from doubles import SeenResponse
+    from test_security_gate import make_gate
 
     gate = make_gate(tmp_path)
     ran: list[int] = []
@@ -224,7 +225,7 @@ def test_generated_cookies_through_the_gate_never_500(tmp_path: Path) -> None:
             if navigation:
                 headers["Accept"] = "text/html"
             answer = gate.request("GET", "/private", headers=headers)
-            assert isinstance(answer, Answer)
+            assert isinstance(answer, SeenResponse)
             assert answer.code == (302 if navigation else 401), (value, answer.code)
 
     check()

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import parse_qs, urljoin, urlsplit
 
+from doubles import SeenResponse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_security_gate import PIN, Answer, _context_of, config_text, make_gate
+from test_security_gate import PIN, _context_of, config_text, make_gate
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.server import Request
@@ -210,7 +211,7 @@ def test_login_over_http_redirects_never_leave_the_host(tmp_path: Path) -> None:
             headers={"Content-Type": "application/x-www-form-urlencoded", "Host": HOST},
             data={"pin": PIN if right_pin else "000001", "next": value},
         )
-        assert isinstance(answer, Answer)
+        assert isinstance(answer, SeenResponse)
         assert answer.code == 303, (value, answer.code, answer.body[:200])
         location = answer.header("location") or ""
         assert lands_on_gate(location), (value, location)
