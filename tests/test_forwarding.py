@@ -9,10 +9,9 @@ the throttle counts, the logs show, or the scheme the cookie flags follow.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
 
 import pytest
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from doubles import make_request
 from twisted.web.test.requesthelper import DummyRequest
 
 from pingated.config import IPNetwork
@@ -28,25 +27,6 @@ from pingated.forwarding import (
 TRUSTED: tuple[IPNetwork, ...] = tuple(
     ipaddress.ip_network(n) for n in ("127.0.0.1/32", "::1/128", "10.0.0.0/8")
 )
-
-
-def make_request(
-    peer: str = "203.0.113.7",
-    headers: Sequence[tuple[bytes, bytes]] = (),
-    secure: bool = False,
-) -> DummyRequest:
-    """A DummyRequest from C{peer} carrying C{headers} (repeats kept)."""
-    request = DummyRequest([b""])
-    if peer == "unix":
-        request.client = UNIXAddress(b"/run/pingated.sock")
-    elif ":" in peer:
-        request.client = IPv6Address("TCP", peer, 40000)
-    else:
-        request.client = IPv4Address("TCP", peer, 40000)
-    for name, value in headers:
-        request.requestHeaders.addRawHeader(name, value)
-    request.isSecure = lambda: secure  # type: ignore[method-assign]
-    return request
 
 
 XFF = b"X-Forwarded-For"

@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 import attrs
 import pytest
 from argon2 import PasswordHasher
-from doubles import SeenResponse
+from doubles import SeenResponse, settle
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -100,8 +100,8 @@ class GateUnderTest:
             data=data,
             allow_redirects=False,
         )
-        response = _settle(d, client, self.upstream_agent)
-        body = _settle(response.content(), client, self.upstream_agent)
+        response = settle(d, client, self.upstream_agent)
+        body = settle(response.content(), client, self.upstream_agent)
         names = {
             name.decode("latin-1").lower(): [v.decode("latin-1") for v in values]
             for name, values in response.headers.getAllRawHeaders()
@@ -119,22 +119,6 @@ class GateUnderTest:
         response = self.login(**headers)
         assert response.code == 303
         return _cookie_value(response)
-
-
-def _settle(d: Deferred[Any], client: StubTreq, upstream_agent: RequestTraversalAgent) -> Any:
-    """Pump both in-memory connections until C{d} fires; return its result."""
-    results: list[Any] = []
-    d.addBoth(results.append)
-    for _ in range(50):
-        if results:
-            break
-        client.flush()
-        upstream_agent.flush()
-    assert results, "request never completed"
-    result = results[0]
-    if hasattr(result, "raiseException"):
-        result.raiseException()
-    return result
 
 
 def _set_cookies(response: Response, name: str = "pingated") -> list[str]:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from twisted.internet.address import IPv4Address, IPv6Address
+from doubles import make_request
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
@@ -33,23 +33,6 @@ from pingated.proxy import forwarded_headers, upstream_headers, upstream_url
 
 TRUSTED: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in ("127.0.0.1/32", "::1/128"))
 UPSTREAM = UpstreamConfig(url="http://127.0.0.1:3050")
-
-
-def make_request(
-    peer: str = "203.0.113.7",
-    headers: Sequence[tuple[bytes, bytes]] = (),
-    secure: bool = False,
-) -> DummyRequest:
-    """A DummyRequest from C{peer} with C{headers} in order, repeats kept."""
-    request = DummyRequest([b""])
-    if ":" in peer:
-        request.client = IPv6Address("TCP", peer, 40000)
-    else:
-        request.client = IPv4Address("TCP", peer, 40000)
-    for name, value in headers:
-        request.requestHeaders.addRawHeader(name, value)
-    request.isSecure = lambda: secure  # type: ignore[method-assign]
-    return request
 
 
 def _names(pairs: Sequence[tuple[bytes, bytes]]) -> list[bytes]:

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import attrs
 import pytest
 from argon2 import PasswordHasher
-from doubles import SeenResponse
+from doubles import SeenResponse, settle
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -241,26 +241,13 @@ class Tree:
             headers={k.replace("_", "-"): [v] for k, v in headers.items()},
             allow_redirects=False,
         )
-        response = _settle(d, client)
-        body = _settle(response.content(), client)
+        response = settle(d, client)
+        body = settle(response.content(), client)
         names = {
             name.decode("latin-1").lower(): [v.decode("latin-1") for v in values]
             for name, values in response.headers.getAllRawHeaders()
         }
         return SeenResponse(response.code, names, body)
-
-
-def _settle(d: Deferred[Any], client: StubTreq) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    for _ in range(20):
-        if results:
-            break
-        client.flush()
-    assert results, "request never completed"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 def _config_text(gate_extra: str = "", extra: str = "") -> str:
@@ -403,7 +390,7 @@ def test_wrong_pin_comes_back_with_next_and_shakes(tree: Tree) -> None:
         data={"pin": "0000", "next": "/deep?x=1"},
         allow_redirects=False,
     )
-    response = _settle(d, client)
+    response = settle(d, client)
     assert response.code == 303
     location = response.headers.getRawHeaders(b"location")[0].decode()
     again = _Page(tree.get(location).body.decode("utf-8"))

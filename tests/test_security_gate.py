@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import pytest
 from argon2 import PasswordHasher
-from doubles import HeldThreads, SeenResponse
+from doubles import HeldThreads, SeenResponse, settle
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -112,21 +112,6 @@ class MemoryGate:
         )
         assert isinstance(answer, SeenResponse)
         return answer
-
-
-def settle(d: Deferred[Any], client: StubTreq, upstream_agent: RequestTraversalAgent) -> Any:
-    """Pump the in-memory connections until C{d} fires; return its result."""
-    results: list[Any] = []
-    d.addBoth(results.append)
-    for _ in range(50):
-        if results:
-            break
-        client.flush()
-        upstream_agent.flush()
-    assert results, "request never completed"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 def config_text(trusted: str = '["127.0.0.1/32"]', gate: str = "", throttle: str = "") -> str:
